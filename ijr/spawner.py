@@ -117,7 +117,7 @@ def _start(spec: dict, fds: list[int], lifeline_r: int, keep_closed: tuple[int, 
                 _job_init(spec, out_fd, report_fd, lifeline_r)
             os.write(pid_w, str(init).encode())
         except BaseException as err:  # noqa: BLE001 - a forked child must never return
-            _report(report_fd, f"error {err}")
+            _report(report_fd, f"error {_reason(err)}")
         finally:
             os._exit(0)
     os.close(pid_w)
@@ -164,7 +164,7 @@ def _job_init(spec: dict, out_fd: int, report_fd: int, lifeline_r: int) -> None:
         _report(report_fd, "started")
         final = _supervise(pid, pending, lifeline_r)
     except Exception as err:  # noqa: BLE001 - reported to the daemon, which fails the start
-        _report(report_fd, f"error {err}")
+        _report(report_fd, f"error {_reason(err)}")
     finally:
         _kill_all()
         if final:
@@ -319,6 +319,11 @@ def _kill_all() -> None:
 
 
 # ---- small helpers -------------------------------------------------------------------------
+
+def _reason(err: BaseException) -> str:
+    """An OSError's own message without the '[Errno N]' prefix."""
+    return getattr(err, "strerror", None) or str(err)
+
 
 def _report(fd: int, line: str) -> None:
     try:
