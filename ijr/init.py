@@ -51,20 +51,10 @@ def create(directory: str, server: str, user: str, config: str, force: bool = Fa
     if not force:
         _refuse_existing([*path.values(), config])
 
-    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
-    ca = _ca_certificate(ca_key)
-    sans = list(dict.fromkeys([server_san, x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
-    server_cert = _leaf_certificate(ca, ca_key, server_key, "ijrd", ExtendedKeyUsageOID.SERVER_AUTH, sans)
-    client_cert = _leaf_certificate(ca, ca_key, client_key, user, ExtendedKeyUsageOID.CLIENT_AUTH, [])
-
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    _write(path["ca.pem"], _cert_pem(ca), 0o644, force)
-    _write(path["ca.key"], _key_pem(ca_key), 0o600, force)
-    _write(path["server.pem"], _cert_pem(server_cert), 0o644, force)
-    _write(path["server.key"], _key_pem(server_key), 0o600, force)
-    _write(path["client.pem"], _cert_pem(client_cert), 0o644, force)
-    _write(path["client.key"], _key_pem(client_key), 0o600, force)
-    _write(path["secret"], (secret + "\n").encode(), 0o600, force)
+    files = _certificates(server_san, user) | {"secret": (secret + "\n").encode()}
+    for name, data in files.items():
+        _write(path[name], data, 0o644 if name.endswith(".pem") else 0o600, force)
     tokens = os.path.join(directory, "tokens")
     token.save(first, tokens)
     ctl_config = {
@@ -76,6 +66,21 @@ def create(directory: str, server: str, user: str, config: str, force: bool = Fa
         "ijrd", "--server", server, "--port", str(PORT), "--cert", path["server.pem"], "--key", path["server.key"],
         "--ca", path["ca.pem"], "--secret-file", path["secret"], "--tokens", tokens, "--admin", user,
     ])
+
+
+def _certificates(server_san: x509.GeneralName, user: str) -> dict[str, bytes]:
+    """A fresh CA, and a server and a client certificate it signed: file name -> PEM."""
+    ca_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca = _ca_certificate(ca_key)
+    loopback = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    sans = list(dict.fromkeys([server_san, *loopback]))  # without duplicates, if NAME is one of them
+    server_cert = _leaf_certificate(ca, ca_key, server_key, "ijrd", ExtendedKeyUsageOID.SERVER_AUTH, sans)
+    client_cert = _leaf_certificate(ca, ca_key, client_key, user, ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    return {
+        "ca.pem": _cert_pem(ca), "ca.key": _key_pem(ca_key),
+        "server.pem": _cert_pem(server_cert), "server.key": _key_pem(server_key),
+        "client.pem": _cert_pem(client_cert), "client.key": _key_pem(client_key),
+    }
 
 
 def _server_san(server: str) -> x509.GeneralName:
@@ -176,7 +181,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dir", default="/etc/ijr", help="where to put it all (default: %(default)s, needs root)")
     parser.add_argument("--server", default="localhost", metavar="NAME",
                         help="the name clients dial ijrd by, put in its certificate (default: %(default)s)")
-    parser.add_argument("--user", default="admin", help="the first user: client certificate and token (default: %(default)s)")
+    parser.add_argument("--user", default="admin",
+                        help="the first user: client certificate and token (default: %(default)s)")
     parser.add_argument("--config", default="~/.ijrctl-config", metavar="PATH",
                         help="the ijrctl config to write (default: %(default)s)")
     parser.add_argument("--force", action="store_true",

@@ -50,7 +50,9 @@ def test_file_has_the_seed_fields_and_only_its_owner_reads_it(tokens):
     path = token_file(tokens, data)
     assert mode(path) == 0o600 and mode(tokens) == 0o700
     fields = json.loads(path.read_text())
-    assert fields == {"userId": "alice", "timestamp": NOW, "randNumber": data.randNumber, "accessToken": data.accessToken}
+    assert fields == {
+        "userId": "alice", "timestamp": NOW, "randNumber": data.randNumber, "accessToken": data.accessToken,
+    }
     assert 0 <= data.randNumber < 2**63
 
 
@@ -88,7 +90,7 @@ def test_empty_secret_refused():
         token.generate("alice", b"")
 
 
-@pytest.mark.parametrize("bad", ["abc", "A" * 64, "../../etc/passwd", "x" * 64, "a" * 63, "a" * 65, "a" * 64 + "\n", ""])
+@pytest.mark.parametrize("bad", ["", "A" * 64, "../../etc/passwd", "x" * 64, "a" * 63, "a" * 65, "a" * 64 + "\n"])
 def test_malformed_tokens_refused_before_any_path_is_built(tmp_path, bad):
     # The directory does not exist: "malformed", not "unknown", shows no file was looked for.
     with pytest.raises(TokenError, match="malformed token"):
@@ -234,7 +236,9 @@ def test_read_secret_errors_name_flag_and_file(tmp_path):
         token.read_secret(None, str(tmp_path / "absent"))
 
 
-@pytest.mark.parametrize("text, seconds", [("3600", 3600), ("90s", 90), ("30m", 1800), ("12h", 43200), ("7d", 604800), (" 2H ", 7200)])
+@pytest.mark.parametrize("text, seconds", [
+    ("3600", 3600), ("90s", 90), ("30m", 1800), ("12h", 43200), ("7d", 604800), (" 2H ", 7200),
+])
 def test_parse_ttl(text, seconds):
     assert token.parse_ttl(text) == seconds
 
