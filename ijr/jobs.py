@@ -298,8 +298,12 @@ class JobManager:
     def list(self, include_finished: bool = False) -> list[JobRecord]:
         return [job.record for job in self.jobs.values() if include_finished or not job.ended.is_set()]
 
-    def output(self, job_id: str) -> AsyncIterator[bytes]:
-        return self.get(job_id).output.follow()
+    async def output(self, job_id: str) -> AsyncIterator[bytes]:
+        """The whole output, then live; ends once the job has ended, so its status is final."""
+        job = self.get(job_id)
+        async for chunk in job.output.follow():
+            yield chunk
+        await job.ended.wait()
 
     async def shutdown(self) -> None:
         """Stop every running job (the daemon is going away and must not leave jobs unowned)."""

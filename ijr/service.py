@@ -165,8 +165,8 @@ class JobService(job_pb2_grpc.JobServiceServicer):
         return job_pb2.StopResponse(status=job_pb2.StopResponse.STOPPED)
 
     async def StreamJobOutput(self, request, context):
-        job = await self._job(request.job_id, context)
-        async for chunk in job.output.follow():
+        await self._job(request.job_id, context)
+        async for chunk in self.manager.output(request.job_id):
             yield job_pb2.JobOutput(output=chunk)
 
 
