@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# build.sh [build|test|demo|bench|vm-test]: everything needed, from a fresh machine.
+# build.sh [build|test|demo|bench]: everything needed, from a fresh machine.
 #   build    .venv (pinned deps), generated gRPC code, dist/ijr.pyz and its three symlinks
-#   test     build, then the whole test suite (cgroup v2 part in the VM when ../shared/vm exists)
+#   test     build, then the whole test suite, and its cgroup part again in a cgroup v2 VM
+#            when ../shared/vm exists (with arguments: only pytest, with those arguments)
 #   demo     build, then one real isolated job end to end on loopback
 #   bench    build, then the benchmarks (bench/run.py; pass --quick for a smoke run)
 set -euo pipefail
@@ -55,14 +56,39 @@ PYEOF
 
 build() { venv; generate; pyz; }
 
+demo() {
+    # The shipped file itself, through its symlinks: init, ijrd on loopback, one isolated job.
+    local tmp port pid status=0
+    tmp=$(mktemp -d /tmp/ijr-demo.XXXXXX)
+    port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    dist/ijr.pyz init --dir "$tmp/etc" --config "$tmp/ijrctl-config" --port "$port" >"$tmp/ijrd-command"
+    echo "demo: starting $(cat "$tmp/ijrd-command") --listen 127.0.0.1 --state-dir $tmp/state" >&2
+    dist/ijrd $(cat "$tmp/ijrd-command" | cut -d' ' -f2-) --listen 127.0.0.1 --state-dir "$tmp/state" \
+        2>"$tmp/ijrd.log" &
+    pid=$!
+    for _ in $(seq 100); do grep -q "serving on" "$tmp/ijrd.log" 2>/dev/null && break; sleep 0.1; done
+    echo "demo: ijrctl start --command ps --arg -ef --output" >&2
+    dist/ijrctl --config "$tmp/ijrctl-config" start --command ps --arg -ef --output || status=$?
+    kill -TERM "$pid" && wait "$pid" || status=$?
+    rm -rf "$tmp"
+    return "$status"
+}
+
 case "${1:-build}" in
 build) build ;;
 test)
     build
     shift
-    exec "$PY" -m pytest -q "$@"
+    [ $# -eq 0 ] || exec "$PY" -m pytest -q "$@"
+    "$PY" -m pytest -q
+    if [ -x ../shared/vm/run-in-vm ]; then
+        echo "build: the cgroup, limit and isolation tests again, in a pure cgroup v2 VM" >&2
+        ../shared/vm/run-in-vm --timeout 2400 -- "$PY" -m pytest -q -p no:cacheprovider -m cgroup tests/
+    else
+        echo "build: ../shared/vm/run-in-vm not found: the cgroup v2 tests did not run" >&2
+    fi
     ;;
-demo) build; exec "$PY" -m ijr.demo ;;
+demo) build; demo ;;
 bench) build; shift; exec "$PY" bench/run.py "$@" ;;
 *) echo "usage: $0 [build|test|demo|bench]" >&2; exit 2 ;;
 esac

@@ -35,7 +35,7 @@ class InitError(Exception):
     """A set-up that can't be made; the message names the file or value at fault."""
 
 
-def create(directory: str, server: str, user: str, config: str, force: bool = False) -> str:
+def create(directory: str, server: str, user: str, config: str, force: bool = False, port: int = PORT) -> str:
     """Write the whole set-up and return the ijrd command line that serves with it.
 
     Names are checked and existing files refused before the first write, so a refusal
@@ -58,12 +58,12 @@ def create(directory: str, server: str, user: str, config: str, force: bool = Fa
     tokens = os.path.join(directory, "tokens")
     token.save(first, tokens)
     ctl_config = {
-        "address": "127.0.0.1", "port": PORT, "server_name": server,
+        "address": "127.0.0.1", "port": port, "server_name": server,
         "ca": path["ca.pem"], "cert": path["client.pem"], "key": path["client.key"], "token": first.accessToken,
     }
     _write(config, (json.dumps(ctl_config, indent=2) + "\n").encode(), 0o600, force)  # it holds the token
     return shlex.join([
-        "ijrd", "--server", server, "--port", str(PORT), "--cert", path["server.pem"], "--key", path["server.key"],
+        "ijrd", "--server", server, "--port", str(port), "--cert", path["server.pem"], "--key", path["server.key"],
         "--ca", path["ca.pem"], "--secret-file", path["secret"], "--tokens", tokens, "--admin", user,
     ])
 
@@ -185,6 +185,7 @@ def main(argv: list[str]) -> int:
                         help="the first user: client certificate and token (default: %(default)s)")
     parser.add_argument("--config", default="~/.ijrctl-config", metavar="PATH",
                         help="the ijrctl config to write (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=PORT, help="the port ijrd will listen on (default: %(default)s)")
     parser.add_argument("--force", action="store_true",
                         help="replace existing files (tokens signed with the old secret stop working)")
     parser.add_argument("--version", action="version", version=f"ijr init {__version__}")
@@ -193,7 +194,7 @@ def main(argv: list[str]) -> int:
     except SystemExit as done:  # argparse, after --help, --version or a usage error
         return int(done.code or 0)
     try:
-        command = create(args.dir, args.server, args.user, args.config, args.force)
+        command = create(args.dir, args.server, args.user, args.config, args.force, args.port)
     except (InitError, token.TokenError) as err:
         return _fail(str(err))
     except OSError as err:
