@@ -22,8 +22,7 @@ from ijr.spawner import JOB_PATH, Spawner
 
 log = logging.getLogger("ijr")
 
-RUNNING, EXITED, KILLED, STOPPED, OOM_KILLED, FAILED = (
-    "running", "exited", "killed", "stopped", "oom_killed", "failed_to_start")
+RUNNING, EXITED, KILLED, STOPPED, OOM_KILLED = "running", "exited", "killed", "stopped", "oom_killed"
 DEFAULT_CPU_SHARES = 1024
 MAX_ARGS = 4096
 MAX_ARGS_BYTES = 1 << 20

@@ -6,9 +6,10 @@ import os
 import re
 import stat
 
-_MEMORY = re.compile(r"^\s*(\d+)\s*([bkmg]?)\s*$", re.IGNORECASE)
+_MEMORY = re.compile(r"^\s*([0-9]+)\s*([bkmg]?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-_MAJ_MIN = re.compile(r"^(\d+):(\d+)$")
+_MAJ_MIN = re.compile(r"^([0-9]+):([0-9]+)$")
+_NUMBER = re.compile(r"^[0-9]+$")
 
 CPU_SHARES_MIN, CPU_SHARES_MAX = 2, 262144  # cgroup v1 cpu.shares range
 MEMORY_MIN = 1 << 20  # below a MiB no real command can even be executed
@@ -36,6 +37,7 @@ def check_memory(limit: int) -> None:
 
 
 def check_cpu_shares(shares: int) -> None:
+    """The cgroup v1 range; on v2 the value is mapped to cpu.weight (ijr.cgroup)."""
     if not CPU_SHARES_MIN <= shares <= CPU_SHARES_MAX:
         raise LimitError(f"cpu shares {shares} out of range {CPU_SHARES_MIN}..{CPU_SHARES_MAX}")
 
@@ -43,7 +45,7 @@ def check_cpu_shares(shares: int) -> None:
 def split_iops(text: str) -> tuple[str, int]:
     """'<device>:<n>' -> (device, n); device is a path or MAJ:MIN. Syntax only."""
     device, sep, number = text.rpartition(":")
-    if not sep or not device or not number.strip().isdigit():
+    if not sep or not device.strip() or not _NUMBER.match(number.strip()):
         raise LimitError(f"bad IOPS limit {text!r}: use <device>:<n>, e.g. /dev/sda:100 or 8:0:100")
     iops = int(number)
     if not 0 < iops < IOPS_MAX:
