@@ -105,9 +105,19 @@ async def serve(args: argparse.Namespace, spawner) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    spawner_exit = os.pidfd_open(spawner.pid)  # readable once the spawner has died
+    loop.add_reader(spawner_exit, stopping.set)
     await stopping.wait()
+    failed = _readable(spawner_exit)
+    if failed:
+        log.error("the spawner process died; its jobs ended with it: stopping ijrd")
     log.info("ijrd stopping: stopping running jobs")
     await server.stop(grace=1.0)
     await manager.shutdown()
     log.info("ijrd stopped")
-    return 0
+    return 1 if failed else 0
+
+
+def _readable(fd: int) -> bool:
+    import select
+    return bool(select.select([fd], [], [], 0)[0])

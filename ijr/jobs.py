@@ -78,7 +78,12 @@ class Job:
         self.pidfd: int | None = None
         self.cgroup: cgroup.Cgroup | None = None
         self.stop_requested = False
-        self.report: list[str] = []
+        self.report: list[str] = []  # the init's report lines
+        loop = asyncio.get_running_loop() if record.state == RUNNING else None
+        # Resolved at the init's first report line, at EOF of its report pipe, at EOF of the output.
+        self.first_line = loop.create_future() if loop else None
+        self.report_done = loop.create_future() if loop else None
+        self.output_done: asyncio.Future | None = None
 
     def save(self) -> None:
         """Atomically, so a crash never leaves half a record."""
@@ -121,10 +126,12 @@ class JobManager:
                 continue
             output_path = os.path.join(directory, "output")
             size = os.path.getsize(output_path) if os.path.exists(output_path) else 0
-            job = Job(record, directory, Output(output_path, size, closed=True))
-            if record.state == RUNNING:  # the previous daemon died; its jobs died with it
+            stale = record.state == RUNNING  # the previous daemon died; its jobs died with it
+            if stale:
                 record.state, record.signal, record.end = KILLED, int(signal.SIGKILL), time.time()
                 record.error = "the daemon stopped while the job was running"
+            job = Job(record, directory, Output(output_path, size, closed=True))
+            if stale:
                 job.save()
             job.ended.set()
             self.jobs[job_id] = job
@@ -194,7 +201,7 @@ class JobManager:
                 os.close(out_w)
                 os.close(report_w)
         job.output_done = job.output.drain(out_r)
-        job.report_done = self._read_report(job, report_r)
+        self._read_report(job, report_r)
         await job.first_line
         first = job.report[0] if job.report else "error the job's init died before it could report"
         if first != "started":
@@ -203,11 +210,10 @@ class JobManager:
             await asyncio.to_thread(job.cgroup.remove)
             raise CannotExecute(first.removeprefix("error "))
 
-    def _read_report(self, job: Job, fd: int) -> asyncio.Future:
-        """Collect the init's report lines; the future resolves when the init has exited."""
+    @staticmethod
+    def _read_report(job: Job, fd: int) -> None:
+        """Collect the init's report lines until it exits and its pipe closes."""
         loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        job.first_line = loop.create_future()
         os.set_blocking(fd, False)
         buffer = bytearray()
 
@@ -225,10 +231,9 @@ class JobManager:
             if not data:
                 loop.remove_reader(fd)
                 os.close(fd)
-                done.set_result(None)
+                job.report_done.set_result(None)
 
         loop.add_reader(fd, readable)
-        return done
 
     # ---- the end of a job ------------------------------------------------------------------
 
