@@ -45,6 +45,15 @@ def _read(path: str) -> str:
         return f.read()
 
 
+def _field(path: str, key: str) -> int:
+    """A counter from a flat-keyed cgroup file ("key value" lines); 0 when absent."""
+    for line in _read(path).splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return 0
+
+
 def _rmdir(path: str) -> None:
     """Remove a cgroup, killing what is left in it; a missing one is already gone."""
     for _ in range(200):
@@ -103,11 +112,7 @@ class CgroupV1:
         _write(f"{self.dirs['pids']}/pids.max", str(limits.pids_max))
 
     def oom_killed(self) -> bool:
-        for line in _read(f"{self.dirs['memory']}/memory.oom_control").splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value) > 0
-        return False
+        return _field(f"{self.dirs['memory']}/memory.oom_control", "oom_kill") > 0
 
     def remove(self) -> None:
         for d in self.dirs.values():
@@ -156,11 +161,7 @@ class CgroupV2:
         _write(f"{self.dir}/pids.max", str(limits.pids_max))
 
     def oom_killed(self) -> bool:
-        for line in _read(f"{self.dir}/memory.events").splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value) > 0
-        return False
+        return _field(f"{self.dir}/memory.events", "oom_kill") > 0
 
     def remove(self) -> None:
         if os.path.exists(f"{self.dir}/cgroup.kill"):
