@@ -184,17 +184,14 @@ def detect() -> type[CgroupV1] | type[CgroupV2]:
     raise RuntimeError(f"no usable cgroup hierarchy under {ROOT}: need v2, or v1 cpu, memory, blkio and pids")
 
 
-def sweep(kind: type[CgroupV1] | type[CgroupV2]) -> list[str]:
-    """Remove job cgroups a previous daemon left behind; returns the job ids swept."""
-    swept = set()
-    for parent in kind.parents():
-        if os.path.isdir(parent):
-            for name in os.listdir(parent):
-                path = os.path.join(parent, name)
-                if os.path.isdir(path):
-                    if kind is CgroupV2:
-                        kind(name).remove()
-                    else:
-                        _rmdir(path)
-                    swept.add(name)
-    return sorted(swept)
+def sweep(kind: type[CgroupV1] | type[CgroupV2], job_ids: set[str]) -> list[str]:
+    """Remove the cgroups of these jobs that a previous daemon left behind; returns those found.
+
+    Only the given jobs (this daemon's own, from its state directory): another ijrd on the same
+    host keeps its cgroups.
+    """
+    swept = sorted(job_id for job_id in job_ids if any(
+        os.path.isdir(os.path.join(parent, job_id)) for parent in kind.parents()))
+    for job_id in swept:
+        kind(job_id).remove()
+    return swept

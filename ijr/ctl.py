@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
 
     start = commands.add_parser("start", help="start a job and print its id")
     start.add_argument("--command", required=True, help="the program to run")
-    start.add_argument("--arg", action="append", default=[], metavar="ARG",
+    start.add_argument("--arg", action=_AppendArg, default=[], metavar="ARG",
                        help="an argument of the command; repeat for more")
     start.add_argument("--cpu", type=_cpu_shares, default=1024, metavar="SHARES",
                        help=f"relative CPU weight, {limits.CPU_SHARES_MIN}..{limits.CPU_SHARES_MAX} (default 1024)")
@@ -160,6 +160,13 @@ def _one_job_id(args: argparse.Namespace) -> str:
 
 
 # argparse type functions: an ArgumentTypeError becomes "argument --flag: <message>".
+
+class _AppendArg(argparse._AppendAction):
+    """--arg, where a lone `--` is a value to pass on (argparse would strip it to nothing)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, "--" if values == [] else values, option_string)
+
 
 def _cpu_shares(text: str) -> int:
     try:

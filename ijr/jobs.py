@@ -114,7 +114,7 @@ class JobManager:
     def load(self) -> None:
         """Sweep cgroups a previous daemon left and reload the jobs it recorded."""
         os.makedirs(self.jobs_dir, mode=0o700, exist_ok=True)
-        for job_id in cgroup.sweep(self.cgroup_kind):
+        for job_id in cgroup.sweep(self.cgroup_kind, set(os.listdir(self.jobs_dir))):
             log.info("swept leftover cgroup of job %s", job_id)
         for job_id in sorted(os.listdir(self.jobs_dir)):
             directory = os.path.join(self.jobs_dir, job_id)

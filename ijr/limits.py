@@ -45,7 +45,7 @@ def check_cpu_shares(shares: int) -> None:
 def split_iops(text: str) -> tuple[str, int]:
     """'<device>:<n>' -> (device, n); device is a path or MAJ:MIN. Syntax only."""
     device, sep, number = text.rpartition(":")
-    if not sep or not device.strip() or not _NUMBER.match(number.strip()):
+    if not sep or not device.strip() or "\0" in device or not _NUMBER.match(number.strip()):
         raise LimitError(f"bad IOPS limit {text!r}: use <device>:<n>, e.g. /dev/sda:100 or 8:0:100")
     iops = int(number)
     if not 0 < iops < IOPS_MAX:

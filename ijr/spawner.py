@@ -27,7 +27,8 @@ JOB_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROC_READONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
 # The device nodes a job gets: no disks, no host terminals.
 DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
-MAX_MESSAGE = 1 << 20
+SO_SNDBUFFORCE = 32
+MAX_MESSAGE = 8 << 20  # a spec carries up to 1 MiB of arguments, JSON-escaped
 
 
 class Spawner:
@@ -35,6 +36,7 @@ class Spawner:
 
     def __init__(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        parent.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, MAX_MESSAGE)  # one spec, one message
         self.pid = os.fork()
         if self.pid == 0:
             parent.close()
@@ -52,7 +54,7 @@ class Spawner:
         The init's first report line says whether the command was executed.
         """
         with self._lock:
-            socket.send_fds(self._sock, [json.dumps(spec).encode()], [out_fd, report_fd])
+            socket.send_fds(self._sock, [json.dumps(spec, ensure_ascii=False).encode()], [out_fd, report_fd])
             data, fds, _, _ = socket.recv_fds(self._sock, MAX_MESSAGE, 1)
         if not data:
             raise RuntimeError("the spawner process has died")
