@@ -20,12 +20,8 @@ venv() {
         echo "build: creating $VENV" >&2
         python3 -m venv "$VENV"
         "$PY" -m pip install -q --upgrade pip
-        "$PY" -m pip install -q $("$PY" - <<'PYEOF'
-import tomllib
-p = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print(" ".join(p["dependencies"] + p["optional-dependencies"]["dev"]))
-PYEOF
-)
+        "$PY" -m pip install -q $("$PY" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print(" ".join(p["dependencies"] + p["optional-dependencies"]["dev"]))')
         echo "$want" >"$stamp"
     fi
 }
@@ -40,12 +36,12 @@ generate() {
 
 pyz() {
     rm -rf dist build/pyz && mkdir -p dist build/pyz
-    "$PY" -m pip install -q --no-compile --target build/pyz --no-deps \
-        $("$PY" - <<'PYEOF'
-import tomllib
-print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
-PYEOF
-) 2>&1 | grep -v 'already exists' >&2 || true
+    local deps
+    deps=$("$PY" -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))')
+    "$PY" -m pip install -q --no-compile --target build/pyz $deps >build/pip.log 2>&1 || {
+        cat build/pip.log >&2
+        exit 1
+    }
     cp -r ijr build/pyz/
     find build/pyz -name __pycache__ -prune -exec rm -rf {} +
     "$VENV/bin/shiv" --compile-pyc --reproducible --site-packages build/pyz \

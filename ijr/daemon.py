@@ -2,9 +2,10 @@
 
 Order matters: the spawner is forked before grpc is imported (grpc must never fork without
 exec) and before any secret is read, and the TLS restriction is set before grpc is imported.
+asyncio too is imported only after the fork: every job's init is a copy of the spawner, and
+the less it holds, the faster it forks and the less memory each job costs.
 """
 import argparse
-import asyncio
 import logging
 import os
 import signal
@@ -56,9 +57,11 @@ def main(argv: list[str]) -> int:
     if os.geteuid() != 0:
         print("ijrd: must run as root (it creates namespaces and cgroups)", file=sys.stderr)
         return 1
+    _raise_fd_limit()
     tls.restrict_to_tls13()
     from ijr.spawner import Spawner
     spawner = Spawner()  # before grpc and before any secret is in memory
+    import asyncio
     try:
         return asyncio.run(serve(args, spawner))
     except (OSError, ValueError, RuntimeError) as err:
@@ -66,6 +69,14 @@ def main(argv: list[str]) -> int:
         return 1
     finally:
         spawner.close()
+
+
+def _raise_fd_limit() -> None:
+    """A running job holds four of the daemon's descriptors; 1024 would cap it near 250 jobs."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _credentials(args: argparse.Namespace):
@@ -101,6 +112,7 @@ async def serve(args: argparse.Namespace, spawner) -> int:
     await server.start()
     log.info("ijrd %s serving on %s as %s (cgroup v%d, state %s)", __version__, address, args.server,
              manager.cgroup_kind.version, args.state_dir)
+    import asyncio
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

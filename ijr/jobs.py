@@ -45,6 +45,10 @@ class CannotExecute(JobError):
     pass
 
 
+class Exhausted(JobError):
+    """The host or the daemon is out of something (descriptors, memory, processes)."""
+
+
 @dataclasses.dataclass
 class JobRecord:
     """What is known of a job; saved as job.json."""
@@ -167,6 +171,9 @@ class JobManager:
         job = Job(record, directory, Output(os.path.join(directory, "output")))
         try:
             await self._spawn(job, job_limits)
+        except OSError as err:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise Exhausted(f"cannot start a job now: {err.strerror or err}") from None
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise

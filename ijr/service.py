@@ -14,7 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from ijr import tls, token
 from ijr.gen import job_pb2, job_pb2_grpc
-from ijr.jobs import CannotExecute, InvalidArgument, Job, JobManager, JobRecord, NotFound
+from ijr.jobs import CannotExecute, Exhausted, InvalidArgument, Job, JobManager, JobRecord, NotFound
 
 audit = logging.getLogger("ijr.audit")
 user_var: contextvars.ContextVar[str] = contextvars.ContextVar("user")
@@ -23,7 +23,7 @@ STATES = {"running": job_pb2.JobRecord.RUNNING, "exited": job_pb2.JobRecord.EXIT
           "killed": job_pb2.JobRecord.KILLED, "stopped": job_pb2.JobRecord.STOPPED,
           "oom_killed": job_pb2.JobRecord.OOM_KILLED}
 ERRORS = {InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT, NotFound: grpc.StatusCode.NOT_FOUND,
-          CannotExecute: grpc.StatusCode.FAILED_PRECONDITION}
+          CannotExecute: grpc.StatusCode.FAILED_PRECONDITION, Exhausted: grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -128,6 +128,14 @@ class JobService(job_pb2_grpc.JobServiceServicer):
     def __init__(self, manager: JobManager, admins: frozenset[str]):
         self.manager = manager
         self.admins = admins
+        self._protos: dict[str, tuple[str, job_pb2.JobRecord]] = {}  # id -> (state, message)
+
+    def _proto(self, record: JobRecord) -> job_pb2.JobRecord:
+        """Built once per job state: building messages dominated ListJobs with many jobs."""
+        cached = self._protos.get(record.id)
+        if cached is None or cached[0] != record.state:
+            cached = self._protos[record.id] = (record.state, to_proto(record))
+        return cached[1]
 
     def _visible(self, record: JobRecord) -> bool:
         user = user_var.get()
@@ -148,16 +156,16 @@ class JobService(job_pb2_grpc.JobServiceServicer):
             record = await self.manager.start(
                 user_var.get(), request.job_command, list(request.job_arguments), request.cpu_shares,
                 request.memory_limit_in_bytes, request.disk_read_iops_limit, request.disk_write_iops_limit)
-        except (InvalidArgument, CannotExecute) as err:
+        except (InvalidArgument, CannotExecute, Exhausted) as err:
             await context.abort(ERRORS[type(err)], str(err))
         return job_pb2.StartResponse(job_id=record.id, job_start=_timestamp(record.start))
 
     async def ListJobs(self, request, context):
-        records = [to_proto(r) for r in self.manager.list(request.include_finished) if self._visible(r)]
+        records = [self._proto(r) for r in self.manager.list(request.include_finished) if self._visible(r)]
         return job_pb2.ListJobsResponse(job_records=records)
 
     async def GetJobStatus(self, request, context):
-        return to_proto((await self._job(request.job_id, context)).record)
+        return self._proto((await self._job(request.job_id, context)).record)
 
     async def StopJob(self, request, context):
         job = await self._job(request.job_id, context)

@@ -4,7 +4,7 @@ grpc must never fork without exec, so the daemon forks this small single-threade
 before it imports grpc. For each job it forks a child that unshares the job's namespaces and
 forks the job's init (PID 1 of the new PID namespace), then exits, so the init is reparented
 to the spawner, a subreaper. The init joins the job's cgroups, builds the job's view of the
-system, forks and execs the command, forwards TERM/INT/HUP to it, reaps orphans, and when the
+system, spawns the command, forwards TERM/INT/HUP to it, reaps orphans, and when the
 command exits kills whatever is left, so nothing keeps the job or its output open.
 
 The init tells the daemon what happened on a report pipe, one line each:
@@ -61,6 +61,9 @@ class Spawner:
         reply = json.loads(data)
         if "error" in reply:
             raise OSError(reply.get("errno", 0), reply["error"])
+        if not fds:  # the daemon is out of descriptors: the job can't be watched, so it can't run
+            os.kill(reply["pid"], signal.SIGKILL)
+            raise OSError(errno.EMFILE, "too many open files in ijrd: no descriptor left for the job")
         return reply["pid"], fds[0]
 
     def close(self) -> None:
@@ -149,6 +152,8 @@ def _job_init(spec: dict, out_fd: int, report_fd: int, lifeline_r: int) -> None:
     final = ""
     try:
         _close_all_but(out_fd, report_fd, lifeline_r)
+        for fd in (out_fd, report_fd, lifeline_r):
+            os.set_inheritable(fd, False)  # the command inherits only 0, 1 and 2
         linux.set_name("ijr-init")
         linux.scrub_cmdline("ijr-init")
         linux.prctl(linux.PR_SET_DUMPABLE, 0)  # a root job can't read the init's memory
@@ -162,7 +167,7 @@ def _job_init(spec: dict, out_fd: int, report_fd: int, lifeline_r: int) -> None:
                 f.write("0")
         _isolate(spec)
         command = _resolve(spec["command"])
-        pid = _fork_command(command, spec, out_fd)
+        pid = _spawn_command(command, spec, out_fd)
         os.close(out_fd)
         _report(report_fd, "started")
         final = _supervise(pid, pending, lifeline_r)
@@ -238,42 +243,34 @@ def _resolve(command: str) -> str:
     raise OSError(errno.ENOENT, f"cannot execute {command!r}: no such file{where}")
 
 
-def _fork_command(path: str, spec: dict, out_fd: int) -> int:
-    """Fork and exec the command; an exec failure comes back through a close-on-exec pipe."""
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            _exec_command(path, spec, out_fd, err_w)
-        except OSError as err:
-            os.write(err_w, f"cannot execute {spec['command']!r}: {err.strerror}".encode())
-        finally:
-            os._exit(127)
-    os.close(err_w)
-    failure = _read_all(err_r)
-    os.close(err_r)
-    if failure:
-        os.waitpid(pid, 0)
-        raise OSError(errno.ENOEXEC, failure.decode(errors="replace"))
-    return pid
+def _spawn_command(path: str, spec: dict, out_fd: int) -> int:
+    """Start the command with posix_spawn (a vfork: no copy of this process's memory).
+
+    The init's own descriptors are close-on-exec, so the command gets exactly stdin
+    (/dev/null), stdout and stderr (the output pipe). An exec failure is raised right here.
+    """
+    _drop_capabilities()
+    os.chdir("/")
+    try:
+        return os.posix_spawn(
+            path, [spec["command"], *spec["args"]], spec["env"],
+            file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                          (os.POSIX_SPAWN_DUP2, out_fd, 1), (os.POSIX_SPAWN_DUP2, out_fd, 2)],
+            setsigmask=(),
+            # Python ignores SIGPIPE and SIGXFSZ, and exec would keep them ignored.
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+    except OSError as err:
+        raise OSError(err.errno, f"cannot execute {spec['command']!r}: {err.strerror}") from None
 
 
-def _exec_command(path: str, spec: dict, out_fd: int, err_w: int) -> None:
-    null = os.open("/dev/null", os.O_RDONLY)
-    os.dup2(null, 0)
-    os.dup2(out_fd, 1)
-    os.dup2(out_fd, 2)
-    _close_all_but(err_w)
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)  # Python ignores SIGPIPE and SIGXFSZ; exec keeps ignored ones
+def _drop_capabilities() -> None:
+    """From the bounding set: the command, root as it is, execs without them."""
     for cap in linux.DROPPED_CAPS:
         try:
             linux.prctl(linux.PR_CAPBSET_DROP, cap)
         except OSError as err:
             if err.errno != errno.EINVAL:  # EINVAL: this kernel has no such capability
                 raise
-    os.chdir("/")
-    os.execve(path, [spec["command"], *spec["args"]], spec["env"])
 
 
 def _supervise(pid: int, pending: list[int], lifeline_r: int) -> str:
