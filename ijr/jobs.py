@@ -169,8 +169,13 @@ class JobManager:
         record = JobRecord(job_id, owner, command, list(args), cpu_shares, memory_bytes, read_iops,
                            write_iops, self.pids_max, time.time())
         job = Job(record, directory, Output(os.path.join(directory, "output")))
+        # Shielded: a caller that gives up (a cancelled RPC) must not cut a spawn in half.
+        spawning = asyncio.ensure_future(self._spawn(job, job_limits))
         try:
-            await self._spawn(job, job_limits)
+            await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            await self._discard(spawning, job)
+            raise
         except OSError as err:
             shutil.rmtree(directory, ignore_errors=True)
             raise Exhausted(f"cannot start a job now: {err.strerror or err}") from None
@@ -212,10 +217,24 @@ class JobManager:
         await job.first_line
         first = job.report[0] if job.report else "error the job's init died before it could report"
         if first != "started":
-            await asyncio.gather(job.output_done, job.report_done)
-            os.close(job.pidfd)
-            await asyncio.to_thread(job.cgroup.remove)
+            await self._gone(job)
+            oom = job.cgroup.oom_killed()
+            await self._release(job)
+            if oom:
+                raise InvalidArgument(f"memory limit {job.record.memory_bytes} bytes is too small to start the job")
             raise CannotExecute(first.removeprefix("error "))
+
+    async def _discard(self, spawning: asyncio.Future, job: Job) -> None:
+        """Undo a start whose caller went away: let the spawn finish, then kill and remove it."""
+        try:
+            await spawning
+        except Exception:  # noqa: BLE001 - a failed spawn has cleaned up after itself
+            pass
+        else:
+            self._signal(job, signal.SIGKILL)
+            await self._gone(job)
+            await self._release(job)
+        shutil.rmtree(job.directory, ignore_errors=True)
 
     @staticmethod
     def _read_report(job: Job, fd: int) -> None:
@@ -244,9 +263,27 @@ class JobManager:
 
     # ---- the end of a job ------------------------------------------------------------------
 
+    @staticmethod
+    async def _gone(job: Job) -> None:
+        """Until the output is drained and the init has exited, and so left its cgroups."""
+        await asyncio.gather(job.output_done, job.report_done)
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        loop.add_reader(job.pidfd, exited.set_result, None)  # a pidfd is readable once its process exits
+        try:
+            await exited
+        finally:
+            loop.remove_reader(job.pidfd)
+
+    @staticmethod
+    async def _release(job: Job) -> None:
+        os.close(job.pidfd)
+        job.pidfd = None
+        await asyncio.to_thread(job.cgroup.remove)
+
     async def _watch(self, job: Job) -> None:
         """Once the init has exited and the output is drained, record how the job ended."""
-        await asyncio.gather(job.output_done, job.report_done)
+        await self._gone(job)
         record = job.record
         final = job.report[-1] if len(job.report) > 1 else ""
         kind, _, number = final.partition(" ")
@@ -256,7 +293,7 @@ class JobManager:
             record.state, record.signal = KILLED, int(number) if kind == "signal" else int(signal.SIGKILL)
         try:
             record.oom_killed = job.cgroup.oom_killed()
-            await asyncio.to_thread(job.cgroup.remove)
+            await self._release(job)
         except OSError as err:
             log.error("job %s: cgroup clean-up failed: %s", record.id, err)
         if record.oom_killed and record.signal == signal.SIGKILL:
@@ -264,8 +301,6 @@ class JobManager:
         if job.stop_requested:
             record.state = STOPPED
         record.end = time.time()
-        os.close(job.pidfd)
-        job.pidfd = None
         job.save()
         job.ended.set()
         log.info("job %s ended: %s%s", record.id, record.state,

@@ -36,7 +36,7 @@ PR_SET_NO_NEW_PRIVS = 38
 
 # <linux/capability.h>: what a root job loses, so it can't undo its isolation (remount /proc,
 # mount cgroupfs and leave its cgroups, read its init's memory, load modules, make device
-# nodes, change the clock).
+# nodes, change the clock, take a real-time policy that cpu.weight can't bound).
 CAP_LINUX_IMMUTABLE = 9
 CAP_SYS_MODULE = 16
 CAP_SYS_RAWIO = 17
@@ -44,6 +44,7 @@ CAP_SYS_PTRACE = 19
 CAP_SYS_PACCT = 20
 CAP_SYS_ADMIN = 21
 CAP_SYS_BOOT = 22
+CAP_SYS_NICE = 23
 CAP_SYS_TIME = 25
 CAP_MKNOD = 27
 CAP_AUDIT_CONTROL = 30
@@ -55,7 +56,7 @@ CAP_BLOCK_SUSPEND = 36
 CAP_PERFMON = 38
 CAP_BPF = 39
 DROPPED_CAPS = (CAP_LINUX_IMMUTABLE, CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_PTRACE, CAP_SYS_PACCT, CAP_SYS_ADMIN,
-                CAP_SYS_BOOT, CAP_SYS_TIME, CAP_MKNOD, CAP_AUDIT_CONTROL, CAP_MAC_OVERRIDE,
+                CAP_SYS_BOOT, CAP_SYS_NICE, CAP_SYS_TIME, CAP_MKNOD, CAP_AUDIT_CONTROL, CAP_MAC_OVERRIDE,
                 CAP_MAC_ADMIN, CAP_SYSLOG, CAP_WAKE_ALARM, CAP_BLOCK_SUSPEND, CAP_PERFMON, CAP_BPF)
 
 

@@ -114,6 +114,7 @@ def _start(spec: dict, fds: list[int], lifeline_r: int, keep_closed: tuple[int, 
     if middle == 0:
         try:
             os.close(pid_r)
+            signal.set_wakeup_fd(-1)  # the spawner's, closed just below
             for fd in keep_closed:
                 os.close(fd)
             linux.unshare(linux.JOB_NAMESPACES)
