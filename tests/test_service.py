@@ -880,3 +880,28 @@ def job_pids(job_id: str) -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+def test_spawner_death_ends_jobs_and_daemon(pki, admin_token, tmp_path):
+    """If the spawner dies, its jobs' inits see their lifeline close and end their jobs, and
+    ijrd, which can no longer start jobs, exits non-zero rather than serve a broken API."""
+    import signal
+    d = Daemon(pki, str(tmp_path / "state"))
+    try:
+        stub = d.stub(admin_token)
+        running = stub.start("sh", "-c", "echo up; sleep 100")
+        while b"up" not in _first_chunk(stub, running):
+            time.sleep(0.02)
+        stub.channel.close()
+        with open(f"/proc/{d.proc.pid}/task/{d.proc.pid}/children") as f:
+            (spawner_pid,) = (int(p) for p in f.read().split())
+        os.kill(spawner_pid, signal.SIGKILL)
+        assert d.proc.wait(timeout=30) == 1
+        assert "the spawner process died" in d.read_log()
+        deadline = time.monotonic() + 5
+        while job_pids(running) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not job_pids(running), "the job outlived its spawner"
+        assert not cgroups_of(running)
+    finally:
+        d.stop()

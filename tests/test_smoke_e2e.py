@@ -1,5 +1,9 @@
 """The shortest real path: ijrd + ijrctl, one isolated job, its output and exit code."""
+import pytest
+
 from conftest import job_pb2
+
+pytestmark = pytest.mark.cgroup  # also run on cgroup v2, in the VM
 
 
 def test_start_output_status(daemon, admin_token):
