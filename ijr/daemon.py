@@ -81,9 +81,9 @@ def _raise_fd_limit() -> None:
 
 def _credentials(args: argparse.Namespace):
     import grpc
-    return grpc.ssl_server_credentials(
-        [(tls.read_pem(args.key, "--key"), tls.read_pem(args.cert, "--cert"))],
-        root_certificates=tls.read_pem(args.ca, "--ca"), require_client_auth=True)
+    key, cert, ca = (tls.read_pem(args.key, "--key"), tls.read_pem(args.cert, "--cert"), tls.read_pem(args.ca, "--ca"))
+    tls.check_files(args.cert, args.key, args.ca)
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
 
 
 async def serve(args: argparse.Namespace, spawner) -> int:

@@ -27,3 +27,18 @@ def read_pem(path: str, what: str) -> bytes:
             return f.read()
     except OSError as err:
         raise OSError(f"cannot read {what} {path}: {err.strerror}") from None
+
+
+def check_files(cert: str, key: str, ca: str, flags: tuple[str, str, str] = ("--cert", "--key", "--ca")) -> None:
+    """Refuse unusable PEM files up front, naming them: grpc would only say it can't bind."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as err:
+        raise ValueError(f"{flags[0]} {cert} and {flags[1]} {key} are not a certificate and its key "
+                         f"in PEM ({err.reason or err})") from None
+    try:
+        context.load_verify_locations(ca)
+    except ssl.SSLError as err:
+        raise ValueError(f"{flags[2]} {ca} is not a PEM certificate ({err.reason or err})") from None
