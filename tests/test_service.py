@@ -774,6 +774,14 @@ def test_audit_lines(daemon, alice):
 # --- restart --------------------------------------------------------------------------------
 
 
+def start_running(stub, marker: str) -> str:
+    """A long job, returned once it has printed `marker`: it is surely running by then."""
+    job_id = stub.start("sh", "-c", f"echo {marker}; sleep 100")
+    while marker.encode() not in _first_chunk(stub, job_id):
+        time.sleep(0.02)
+    return job_id
+
+
 def test_restart_keeps_finished_jobs_and_ends_running_ones(pki, admin_token, tmp_path):
     state = str(tmp_path / "state")
     first = Daemon(pki, state)
@@ -783,9 +791,7 @@ def test_restart_keeps_finished_jobs_and_ends_running_ones(pki, admin_token, tmp
         assert stub.output(done) == b"kept\n"
         quiet = stub.start("true")
         wait_ended(stub, quiet)
-        running = stub.start("sh", "-c", "echo before; sleep 100")
-        while b"before" not in _first_chunk(stub, running):
-            time.sleep(0.02)
+        running = start_running(stub, "before")
         stub.channel.close()
     finally:
         code = first.stop()
@@ -820,9 +826,7 @@ def test_restart_after_a_crash(pki, admin_token, tmp_path):
     first = Daemon(pki, state)
     try:
         stub = first.stub(admin_token)
-        running = stub.start("sh", "-c", "echo up; sleep 100")
-        while b"up" not in _first_chunk(stub, running):
-            time.sleep(0.02)
+        running = start_running(stub, "up")
         stub.channel.close()
     finally:
         first.proc.send_signal(signal.SIGKILL)
@@ -889,9 +893,7 @@ def test_spawner_death_ends_jobs_and_daemon(pki, admin_token, tmp_path):
     d = Daemon(pki, str(tmp_path / "state"))
     try:
         stub = d.stub(admin_token)
-        running = stub.start("sh", "-c", "echo up; sleep 100")
-        while b"up" not in _first_chunk(stub, running):
-            time.sleep(0.02)
+        running = start_running(stub, "up")
         stub.channel.close()
         with open(f"/proc/{d.proc.pid}/task/{d.proc.pid}/children") as f:
             (spawner_pid,) = (int(p) for p in f.read().split())
