@@ -34,9 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     if invoked in ARGV0:
         return run(ARGV0[invoked], argv[1:])
     args = argv[1:]
-    if not args or args[0] in ("-h", "--help", "help"):
+    if not args:
+        sys.stderr.write(USAGE)
+        return 2
+    if args[0] in ("-h", "--help", "help"):
         sys.stdout.write(USAGE)
-        return 0 if args else 2
+        return 0
     if args[0] == "--version":
         print(f"ijr {__version__}")
         return 0

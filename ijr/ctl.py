@@ -336,7 +336,9 @@ class Connection:
         details = " ".join((err.details() or "").split())  # one line, whatever the server sent
         code = err.code()
         if code == grpc.StatusCode.UNAVAILABLE:
-            return CtlError(f"cannot reach ijrd at {self.target}: {details}")
+            # With TLS 1.3 a server that refuses our certificate just closes the connection.
+            hint = " (if ijrd is up, it refused this client's certificate)" if "Socket closed" in details else ""
+            return CtlError(f"cannot reach ijrd at {self.target}: {details}{hint}")
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout:
             return CtlError(f"{what}: no answer from ijrd at {self.target} within {timeout:g} s"
                             f" (set {TIMEOUT_ENV} to wait longer)")
@@ -364,7 +366,12 @@ def _start(conn: Connection, args: argparse.Namespace) -> int:
         print(job_id)
         return 0
     print(job_id, file=sys.stderr)  # stdout carries exactly the job's bytes
-    _copy_output(conn, job_id)
+    try:
+        _copy_output(conn, job_id)
+    except KeyboardInterrupt:  # like `docker run`: Ctrl-C ends the job it started, not just the view
+        print(f"ijrctl: interrupted: stopping job {job_id}", file=sys.stderr)
+        conn.call(f"stop {job_id}", conn.stub.StopJob, job_pb2.JobIdentifier(job_id=job_id), conn.timeout * 2)
+        raise
     record = conn.call(f"status {job_id}", conn.stub.GetJobStatus, job_pb2.JobIdentifier(job_id=job_id))
     return _exit_status(record)
 

@@ -38,6 +38,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--state-dir", default="/var/lib/ijr", help="job records and output (default: /var/lib/ijr)")
     p.add_argument("--admin", action="append", default=[], metavar="USER",
                    help="a user who may see and stop every job (repeatable)")
+    p.add_argument("--mask", action="append", default=[], metavar="PATH",
+                   help="another file or directory to hide from jobs (repeatable); the directories "
+                   "of --key and --secret-file, --tokens and --state-dir are always hidden")
     p.add_argument("--stop-grace", type=float, default=5.0, metavar="SECONDS",
                    help="time between TERM and KILL when a job is stopped (default: 5)")
     p.add_argument("--pids-max", type=int, default=4096, help="the most processes one job may have (default: 4096)")
@@ -59,6 +62,7 @@ def main(argv: list[str]) -> int:
         return 1
     _raise_fd_limit()
     tls.restrict_to_tls13()
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # ijrd reports failures itself, in one line
     from ijr.spawner import Spawner
     spawner = Spawner()  # before grpc and before any secret is in memory
     import asyncio
@@ -96,10 +100,15 @@ async def serve(args: argparse.Namespace, spawner) -> int:
         raise ValueError(str(err)) from None
     if not os.path.isdir(args.tokens):
         raise ValueError(f"--tokens {args.tokens}: not a directory")
-    mask = tuple(os.path.abspath(p) for p in (args.key, args.tokens, args.secret_file) if p)
+    # Whole directories: next to the key there is often the CA's key and other clients' keys.
+    secret_dirs = [os.path.dirname(os.path.abspath(p)) for p in (args.key, args.secret_file) if p]
+    mask = tuple(os.path.abspath(p) for p in (*secret_dirs, args.tokens, *args.mask))
     manager = JobManager(os.path.abspath(args.state_dir), spawner, grace=args.stop_grace,
                          pids_max=args.pids_max, mask=mask)
-    manager.load()
+    try:
+        manager.load()
+    except OSError as err:
+        raise ValueError(f"--state-dir {args.state_dir}: {err.strerror}") from None
 
     import grpc
     from ijr import service

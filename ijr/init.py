@@ -65,6 +65,7 @@ def create(directory: str, server: str, user: str, config: str, force: bool = Fa
     return shlex.join([
         "ijrd", "--server", server, "--port", str(port), "--cert", path["server.pem"], "--key", path["server.key"],
         "--ca", path["ca.pem"], "--secret-file", path["secret"], "--tokens", tokens, "--admin", user,
+        "--mask", config,  # it holds an admin token: jobs must not read it
     ])
 
 

@@ -26,6 +26,7 @@ RUNNING, EXITED, KILLED, STOPPED, OOM_KILLED = "running", "exited", "killed", "s
 DEFAULT_CPU_SHARES = 1024
 MAX_ARGS = 4096
 MAX_ARGS_BYTES = 1 << 20
+MAX_ARG_BYTES = 128 * 1024 - 1  # the kernel's MAX_ARG_STRLEN, less the NUL
 _JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
@@ -98,7 +99,7 @@ class Job:
 
 
 def check_job_id(job_id: str) -> None:
-    if not _JOB_ID.match(job_id):
+    if not _JOB_ID.fullmatch(job_id):
         raise InvalidArgument(f"malformed job id {job_id[:80]!r}: expected a UUID like the one start printed")
 
 
@@ -150,6 +151,8 @@ class JobManager:
             raise InvalidArgument(f"too many or too long arguments (at most {MAX_ARGS}, {MAX_ARGS_BYTES} bytes)")
         if any("\0" in s for s in (command, *args)):
             raise InvalidArgument("the command and its arguments can't contain NUL bytes")
+        if any(len(s.encode()) > MAX_ARG_BYTES for s in args):
+            raise InvalidArgument(f"an argument is over {MAX_ARG_BYTES} bytes, the most the kernel passes to a program")
         try:
             limits.check_cpu_shares(cpu_shares)
             limits.check_memory(memory_bytes)
@@ -300,6 +303,9 @@ class JobManager:
             record.state = OOM_KILLED
         if job.stop_requested:
             record.state = STOPPED
+        record.error = record.error or job.output.error
+        if job.output.error:
+            log.error("job %s: %s", record.id, job.output.error)
         record.end = time.time()
         job.save()
         job.ended.set()
@@ -308,15 +314,19 @@ class JobManager:
 
     # ---- stop, status, list, output --------------------------------------------------------
 
-    async def stop(self, job_id: str) -> JobRecord:
+    async def stop(self, job_id: str, by_user: bool = True) -> JobRecord:
         """TERM, a grace period, then KILL to the job's init, which takes the whole job with it.
 
-        Returns once the job is gone; stopping an ended job just returns its record.
+        Returns once the job is gone; stopping an ended job just returns its record. A job the
+        daemon ends (by_user False) is recorded as killed, not as stopped by a user.
         """
         job = self.get(job_id)
         if job.ended.is_set():
             return job.record
-        job.stop_requested = True
+        if by_user:
+            job.stop_requested = True
+        else:
+            job.record.error = "ended because ijrd was shutting down"
         self._signal(job, signal.SIGTERM)
         try:
             await asyncio.wait_for(job.ended.wait(), self.grace)
@@ -353,4 +363,5 @@ class JobManager:
 
     async def shutdown(self) -> None:
         """Stop every running job (the daemon is going away and must not leave jobs unowned)."""
-        await asyncio.gather(*(self.stop(job_id) for job_id, job in self.jobs.items() if not job.ended.is_set()))
+        await asyncio.gather(*(self.stop(job_id, by_user=False)
+                               for job_id, job in self.jobs.items() if not job.ended.is_set()))

@@ -36,7 +36,9 @@ PR_SET_NO_NEW_PRIVS = 38
 
 # <linux/capability.h>: what a root job loses, so it can't undo its isolation (remount /proc,
 # mount cgroupfs and leave its cgroups, read its init's memory, load modules, make device
-# nodes, change the clock, take a real-time policy that cpu.weight can't bound).
+# nodes, change the clock, take a real-time policy that cpu.weight can't bound, or open a
+# masked secret by its inode number with open_by_handle_at).
+CAP_DAC_READ_SEARCH = 2
 CAP_LINUX_IMMUTABLE = 9
 CAP_SYS_MODULE = 16
 CAP_SYS_RAWIO = 17
@@ -55,7 +57,7 @@ CAP_WAKE_ALARM = 35
 CAP_BLOCK_SUSPEND = 36
 CAP_PERFMON = 38
 CAP_BPF = 39
-DROPPED_CAPS = (CAP_LINUX_IMMUTABLE, CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_PTRACE, CAP_SYS_PACCT, CAP_SYS_ADMIN,
+DROPPED_CAPS = (CAP_DAC_READ_SEARCH, CAP_LINUX_IMMUTABLE, CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_PTRACE, CAP_SYS_PACCT, CAP_SYS_ADMIN,
                 CAP_SYS_BOOT, CAP_SYS_NICE, CAP_SYS_TIME, CAP_MKNOD, CAP_AUDIT_CONTROL, CAP_MAC_OVERRIDE,
                 CAP_MAC_ADMIN, CAP_SYSLOG, CAP_WAKE_ALARM, CAP_BLOCK_SUSPEND, CAP_PERFMON, CAP_BPF)
 

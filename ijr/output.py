@@ -19,6 +19,7 @@ class Output:
         self.path = path
         self.size = size
         self.closed = closed
+        self.error = ""  # why bytes were lost (a full disk); the job still runs to its end
         self._changed = asyncio.Event()
 
     def _notify(self) -> None:
@@ -42,8 +43,7 @@ class Output:
             except BlockingIOError:
                 return
             if data:
-                os.write(file_fd, data)
-                self.size += len(data)
+                self._append(file_fd, data)
             else:
                 loop.remove_reader(pipe_fd)
                 os.close(pipe_fd)
@@ -54,6 +54,22 @@ class Output:
 
         loop.add_reader(pipe_fd, readable)
         return done
+
+    def _append(self, file_fd: int, data: bytes) -> None:
+        """Write all of data, or, once the disk refuses, drop the rest so the job never blocks.
+
+        `size` counts only what is on disk, so followers never read past it.
+        """
+        if self.error:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.write(file_fd, view)
+                self.size += written
+                view = view[written:]
+        except OSError as err:
+            self.error = f"output cut at {self.size} bytes: {err.strerror}"
 
     async def follow(self) -> AsyncIterator[bytes]:
         """Every byte from the first, then live ones, until the job's output is closed."""

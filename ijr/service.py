@@ -4,6 +4,7 @@ Every RPC, health and reflection included, needs mutual TLS 1.3 and a bearer tok
 belongs to the user who started it; other users' jobs are invisible to them (NOT_FOUND),
 admins see and stop every job.
 """
+import asyncio
 import contextvars
 import logging
 import time
@@ -46,7 +47,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return handler._replace(**{kind: self._stream(getattr(handler, kind), details.method, metadata)})
 
     def authenticate(self, context: grpc.aio.ServicerContext, metadata: dict) -> str:
-        """The user the token names; raises ValueError with the reason otherwise."""
+        """The user the token names; raises ValueError or TokenError with the reason otherwise."""
         version = context.auth_context().get("ssl_tls_version", [b"?"])[0].decode()
         if version != tls.TLS_VERSION:
             raise ValueError(f"{version} refused: TLS 1.3 is required")
@@ -54,10 +55,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented:
             raise ValueError("missing 'authorization: Bearer <token>' metadata")
-        try:
-            return token.validate(presented.strip(), self.secret, self.tokens_dir).userId
-        except token.TokenError as err:
-            raise ValueError(str(err)) from None
+        return token.validate(presented.strip(), self.secret, self.tokens_dir).userId
 
     def _unary(self, behavior: Callable, method: str, metadata: dict) -> Callable:
         async def wrapper(request, context):
@@ -65,8 +63,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             user = await self._enter(context, metadata, method, request, started)
             try:
                 response = await behavior(request, context)
-            except BaseException:
-                _audit(user, method, request, context.code(), started)
+            except BaseException as err:
+                _audit(user, method, request, _failure(context, err), started)
                 raise
             _audit(user, method, response if hasattr(response, "job_id") else request, context.code(), started)
             return response
@@ -84,23 +82,36 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                         yield message
                 else:
                     await result
-            finally:
-                _audit(user, method, request, context.code(), started)
+            except BaseException as err:
+                _audit(user, method, request, _failure(context, err), started)
+                raise
+            _audit(user, method, request, context.code(), started)
         return wrapper
 
     async def _enter(self, context, metadata: dict, method: str, request, started: float) -> str:
         try:
             user = self.authenticate(context, metadata)
-        except ValueError as err:
+        except (ValueError, token.TokenError) as err:
             _audit("-", method, request, grpc.StatusCode.UNAUTHENTICATED, started, str(err))
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(err))
+        except OSError as err:  # out of descriptors: the token may be fine, ijrd is not
+            _audit("-", method, request, grpc.StatusCode.UNAVAILABLE, started, str(err))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"ijrd cannot check tokens now: {err.strerror}")
         user_var.set(user)
         return user
 
 
+def _failure(context, err: BaseException) -> grpc.StatusCode:
+    """The status an RPC that raised ends with: the one it aborted with, or what grpc reports."""
+    if isinstance(err, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED  # the client went away
+    return context.code() or grpc.StatusCode.UNKNOWN
+
+
 def _audit(user: str, method: str, message, code, started: float, why: str = "") -> None:
-    """One line per RPC: user, method, job, outcome, duration."""
-    job = getattr(message, "job_id", "") or "-"
+    """One line per RPC: user, method, job, outcome, duration. The job id is the caller's
+    text, so it is escaped and cut: it must not be able to forge or flood audit lines."""
+    job = (getattr(message, "job_id", "") or "-")[:80].encode("unicode_escape").decode()
     outcome = (code or grpc.StatusCode.OK).name
     audit.info("user=%s method=%s job=%s outcome=%s ms=%.1f%s", user, method.rsplit("/", 1)[-1], job,
                outcome, (time.monotonic() - started) * 1000, f" why={why!r}" if why else "")

@@ -94,7 +94,8 @@ def write_new(path: str, data: bytes, mode: int = 0o600) -> None:
 def validate(token: str, secret: bytes, directory: str, now: float | None = None) -> TokenData:
     """The token's data if it is well formed, on file, signed with secret and unexpired.
 
-    Every failure is a TokenError. The token must be hex before it becomes part of a path,
+    Every failure is a TokenError, except ijrd itself running out of descriptors or memory
+    (OSError: the token may be fine). The token must be hex before it becomes part of a path,
     so no token can name a file outside directory. Nothing is cached: a token whose file
     was deleted fails on its next use.
     """
@@ -121,6 +122,8 @@ def _read_token_file(path: str) -> bytes:
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise TokenError("token file is a symlink") from None
+        if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            raise
         raise TokenError(f"cannot open token file: {err.strerror}") from None
     try:
         with open(fd, "rb") as f:

@@ -115,7 +115,7 @@ def test_config_points_at_everything_and_its_token_validates(setup):
 
 
 def test_ijrd_command_line_mentions_every_file(setup):
-    directory, command, _ = setup
+    directory, command, config = setup
     words = shlex.split(command)
     assert words[0] == "ijrd"
     flags = dict(zip(words[1::2], words[2::2]))
@@ -123,6 +123,7 @@ def test_ijrd_command_line_mentions_every_file(setup):
         "--server": SERVER, "--port": "50051", "--cert": str(directory / "server.pem"),
         "--key": str(directory / "server.key"), "--ca": str(directory / "ca.pem"),
         "--secret-file": str(directory / "secret"), "--tokens": str(directory / "tokens"), "--admin": USER,
+        "--mask": str(config),  # it holds an admin token: hidden from jobs
     }
 
 
@@ -187,7 +188,7 @@ def test_cli(capsys, tmp_path):
     code, out, err = ijr_init(capsys, *args)
     assert code == 0
     assert out.splitlines()[0].startswith("ijrd --server localhost --port 50051 ")
-    assert out.splitlines()[0].endswith(" --admin bob")
+    assert f" --admin bob --mask {tmp_path / 'config'}" in out.splitlines()[0]
     assert err.startswith("ijr init: wrote ")
     sans = cert(tmp_path / "ijr", "server.pem").extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == ["localhost"]  # the default NAME, not twice
