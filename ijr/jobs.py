@@ -91,11 +91,15 @@ class Job:
         self.output_done: asyncio.Future | None = None
 
     def save(self) -> None:
-        """Atomically, so a crash never leaves half a record."""
+        """Atomically, so a crash never leaves half a record. A full disk is logged, not raised:
+        the record in memory stays right, and the job must still end cleanly."""
         tmp = os.path.join(self.directory, "job.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(dataclasses.asdict(self.record), f)
-        os.replace(tmp, os.path.join(self.directory, "job.json"))
+        try:
+            with open(tmp, "w") as f:
+                json.dump(dataclasses.asdict(self.record), f)
+            os.replace(tmp, os.path.join(self.directory, "job.json"))
+        except OSError as err:
+            log.error("job %s: cannot save its record %s: %s", self.record.id, tmp, err.strerror)
 
 
 def check_job_id(job_id: str) -> None:

@@ -534,6 +534,62 @@ def test_masked_paths_look_empty(spawner, tmp_path):
     assert_nothing_left(spawner)
 
 
+HANDLE_PROBE = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+handle = bytes.fromhex(sys.argv[1])
+mount_fd = os.open("/", os.O_RDONLY)
+fd = libc.open_by_handle_at(mount_fd, ctypes.create_string_buffer(handle, len(handle)), os.O_RDONLY)
+print(os.read(fd, 100).decode() if fd >= 0 else "errno %d" % ctypes.get_errno())
+"""
+
+
+def file_handle(path: str) -> bytes:
+    """name_to_handle_at(): the kernel's handle of a file, as the host sees it."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(8 + 128)
+    ctypes.c_uint.from_buffer(buf).value = 128  # handle_bytes
+    mount_id = ctypes.c_int()
+    assert libc.name_to_handle_at(-100, path.encode(), buf, ctypes.byref(mount_id), 0) == 0, ctypes.get_errno()
+    size = ctypes.c_uint.from_buffer(buf).value
+    return buf.raw[:8 + size]
+
+
+def test_masked_secret_cannot_be_opened_by_its_handle(spawner, tmp_path):
+    """open_by_handle_at reaches a file by inode, past any mount over it: jobs lack the
+    capability it needs (CAP_DAC_READ_SEARCH), so a masked secret stays hidden."""
+    secret_dir = tmp_path / "secrets"
+    secret_dir.mkdir()
+    (secret_dir / "secret").write_text("the secret")
+    handle = file_handle(str(secret_dir / "secret"))
+    host = subprocess.run([sys.executable, "-c", HANDLE_PROBE, handle.hex()], capture_output=True, text=True)
+    if host.stdout.strip() != "the secret":
+        pytest.skip(f"this filesystem does not open by handle even for the host: {host.stdout}{host.stderr}")
+    manager = new_manager(spawner, tmp_path / "state", mask=(str(secret_dir),))
+    record, out = within(manager, lambda: run_job(manager, "python3", "-c", HANDLE_PROBE, handle.hex()))
+    assert out == b"errno 1\n", out  # EPERM
+    assert_nothing_left(spawner)
+
+
+def test_full_disk_cuts_the_output_cleanly(spawner, tmp_path):
+    """The state directory's disk fills: the job runs to its end, readers get what was kept and
+    finish, and the record says where the output was cut."""
+    state = tmp_path / "small"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(state)], check=True)
+    try:
+        manager = new_manager(spawner, state)
+        record, out = within(manager, lambda: run_job(
+            manager, "sh", "-c", "head -c 5000000 /dev/zero; echo done >&2; exit 3", timeout=30))
+        assert (record.state, record.exit_code) == ("exited", 3)
+        assert 0 < len(out) < 2 * 1024 * 1024 and out == bytes(len(out))
+        assert record.error.startswith(f"output cut at {len(out)} bytes: No space left on device"), record.error
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=True)
+    assert_nothing_left(spawner)
+
+
 @pytest.mark.cgroup
 def test_cannot_execute_leaves_nothing_behind(manager, spawner, tmp_path):
     not_executable = tmp_path / "not-executable"
