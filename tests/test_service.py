@@ -771,6 +771,15 @@ def test_audit_lines(daemon, alice):
     assert alice not in log, "a token was written to the log"
 
 
+def test_audit_lines_cannot_be_forged(daemon, alice):
+    """A job id is the caller's text: a newline in it must not start a line of its own."""
+    forged = "2026-01-01 00:00:00,000 ijr.audit INFO user=admin method=StopJob job=forged outcome=OK"
+    rpc_error(daemon.stub(alice).StopJob, ID(job_id="nope\n" + forged + "x" * 10000))
+    log = wait_for_log(daemon, r"ijr\.audit .*user=alice method=StopJob job=nope\\n2026.* outcome=INVALID_ARGUMENT")
+    assert not any(line.startswith(forged) for line in log.splitlines())
+    assert max(len(line) for line in log.splitlines() if "ijr.audit" in line) < 400
+
+
 # --- restart --------------------------------------------------------------------------------
 
 
@@ -806,7 +815,7 @@ def test_restart_keeps_finished_jobs_and_ends_running_ones(pki, admin_token, tmp
         assert stub.output(done) == b"kept\n"
         assert stub.output(quiet) == b""
         record = stub.status(running)
-        assert record.state in (State.STOPPED, State.KILLED), record
+        assert record.state == State.KILLED and "ijrd was shutting down" in record.error, record
         assert record.HasField("job_end")
         assert stub.output(running) == b"before\n"
         assert running_ids(stub) == set()
