@@ -159,7 +159,6 @@ def _job_init(spec: dict, out_fd: int, report_fd: int, lifeline_r: int) -> None:
         linux.scrub_cmdline("ijr-init")
         linux.prctl(linux.PR_SET_DUMPABLE, 0)  # a root job can't read the init's memory
         os.setsid()  # off the daemon's terminal: a Ctrl-C meant for ijrd never reaches a job
-        signal.set_wakeup_fd(-1)
         pending: list[int] = []
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda n, _: pending.append(n))
