@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, Pki, free_port
+from conftest import REPO, Pki, free_port, needs_root
 
 
 def ijrd(*args: str) -> subprocess.CompletedProcess:
@@ -50,7 +50,7 @@ def test_help_and_version():
     assert ijrd("--version").stdout.startswith("ijrd ")
 
 
-@pytest.mark.skipif(not __import__("conftest").IS_ROOT, reason="the checks after start-up need root")
+@needs_root  # the checks after start-up need root
 @pytest.mark.parametrize("flag, value, words", [
     ("--cert", "/nonexistent/server.pem", ("--cert", "/nonexistent/server.pem")),
     ("--key", "/nonexistent/server.key", ("--key",)),
@@ -62,7 +62,7 @@ def test_unreadable_files(pki, tmp_path, flag, value, words):
     assert_one_line(ijrd(*full_flags(pki, tmp_path, **{flag: value})), 1, *words)
 
 
-@pytest.mark.skipif(not __import__("conftest").IS_ROOT, reason="the checks after start-up need root")
+@needs_root  # the checks after start-up need root
 def test_unusable_pem_files_are_named(pki, tmp_path):
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
